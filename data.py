@@ -44,7 +44,7 @@ HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class DataError(ValueError):
-    """A data set that cannot be used as given; the message says what to fix."""
+    """A data set that cannot be used as given; the message names the problem and the fix."""
 
 
 # ----------------------------------------------------------------------------- records
@@ -131,7 +131,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
             low, high = values[finite].min(), values[finite].max()
             if high > low:
                 scaled[finite] = np.round((values[finite] - low) / (high - low) * 255).astype(np.uint8)
-        return Image.fromarray(scaled, mode="L").convert("RGB")
+        return Image.fromarray(scaled).convert("RGB")
     if image.mode == "P":
         image = image.convert("RGBA")
     return image.convert("RGB")
@@ -221,8 +221,8 @@ class CaptionSplit:
     def without_rows(self, rows: Iterable[int]) -> CaptionSplit:
         """Return a copy of this split without the images of the given source rows."""
         drop = set(rows)
-        kept = [image for image in self.images if image.row not in drop]
-        return CaptionSplit(self.name, kept, self.read_image, self.stats, self.max_pixels)
+        remaining = [image for image in self.images if image.row not in drop]
+        return CaptionSplit(self.name, remaining, self.read_image, self.stats, self.max_pixels)
 
 
 class _ArrowImageReader:
@@ -427,6 +427,17 @@ def _build_records(
 def format_bad_images(split: str, bad: Sequence[BadImage]) -> str:
     lines = [f"split {split}: {len(bad)} bad images:"] + [f"  {item}" for item in bad]
     return "\n".join(lines)
+
+
+def scan_sharded(split: CaptionSplit, rank: int, world_size: int, gather: Callable[[list], list]) -> list[BadImage]:
+    """Scan images rank, rank + world_size, ... and merge every rank's findings.
+
+    `gather` is an all-gather of Python objects (distributed.all_gather_objects), so every
+    rank returns the same list, sorted by row, and later drops the same rows.
+    """
+    local = split.scan(range(rank, len(split), world_size))
+    merged = [item for found in gather(local) for item in found]
+    return sorted(merged, key=lambda item: item.row)
 
 
 def drop_bad_images(split: CaptionSplit, bad: Sequence[BadImage], skip: bool) -> CaptionSplit:

@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     small.add_argument("--layers", type=int, default=2, help="layers in each transformer (default: %(default)s)")
     small.add_argument("--heads", type=int, default=4, help="attention heads per layer (default: %(default)s)")
     small.add_argument("--max-positions", type=int, default=64,
-                       help="longest token sequence the text decoder accepts (default: %(default)s)")
+                       help="maximum token sequence length of the text decoder (default: %(default)s)")
     small.add_argument("--max-image-pixels", type=int, default=data_lib.DEFAULT_MAX_IMAGE_PIXELS,
                        help="images with more pixels are rejected (default: %(default)s)")
     small.add_argument("--seed", type=int, default=0, help="seed for the fresh weights (default: %(default)s)")

@@ -60,6 +60,7 @@ DEFAULT_GALLERY = 24  # images shown in report.html
 THUMBNAIL_PX = 256  # max width and height of a gallery thumbnail, in pixels
 PRECISIONS = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODEL_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+FIXED_CAPTION_NAME = "fixed-caption"
 COCO_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
@@ -98,6 +99,52 @@ def corpus_bleu(hypotheses: Sequence[str], references: Sequence[Sequence[str]], 
     bleu = sacrebleu.metrics.BLEU(force=True, **bleu_options)
     score = bleu.corpus_score(list(hypotheses), reference_streams(references))
     return {"score": float(score.score), "signature": str(bleu.get_signature())}
+
+
+def best_fixed_caption(candidates: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[str, float]:
+    """Return the candidate that, given as the caption of every image, scores the highest corpus BLEU.
+
+    This is the no-vision baseline: a model that ignores the image can do no better with a
+    training caption. Each candidate is scored exactly as `corpus_bleu` would score it, but
+    from per-n-gram match totals precomputed over all images, so thousands of candidates take
+    seconds. Ties go to the candidate that sorts first.
+    """
+    # NOTE: uses sacrebleu's private helpers (_preprocess_segment, _extract_reference_info,
+    # _get_closest_ref_len) of the pinned 2.6.0; test_eval checks the result against corpus_bleu.
+    from collections import defaultdict
+
+    from sacrebleu.metrics.helpers import extract_all_word_ngrams
+
+    bleu = sacrebleu.metrics.BLEU(force=True)
+    infos = [bleu._extract_reference_info([bleu._preprocess_segment(ref) for ref in refs]) for refs in references]
+    ref_counts_by_ngram = defaultdict(list)  # n-gram -> its max reference count in each image that has it
+    for info in infos:
+        for ngram, count in info["ref_ngrams"].items():
+            ref_counts_by_ngram[ngram].append(count)
+
+    images = len(references)
+    matches_cache: dict[tuple, int] = {}
+    ref_length_cache: dict[int, int] = {}
+    best_caption, best_score = "", -1.0
+    for candidate in sorted(set(candidates)):
+        ngrams, length = extract_all_word_ngrams(bleu._preprocess_segment(candidate), 1, bleu.max_ngram_order)
+        correct = [0] * bleu.max_ngram_order
+        total = [0] * bleu.max_ngram_order
+        for ngram, count in ngrams.items():
+            order = len(ngram) - 1
+            total[order] += count * images
+            key = (ngram, count)
+            if key not in matches_cache:
+                matches_cache[key] = sum(min(count, ref) for ref in ref_counts_by_ngram.get(ngram, ()))
+            correct[order] += matches_cache[key]
+        if length not in ref_length_cache:
+            ref_length_cache[length] = sum(bleu._get_closest_ref_len(length, info["ref_lens"]) for info in infos)
+        score = sacrebleu.metrics.BLEU.compute_bleu(
+            correct, total, length * images, ref_length_cache[length], smooth_method=bleu.smooth_method
+        ).score
+        if score > best_score:
+            best_caption, best_score = candidate, score
+    return best_caption, best_score
 
 
 @functools.cache
@@ -547,7 +594,24 @@ def evaluate(args: argparse.Namespace, ctx: distributed.DistributedContext) -> d
             write_predictions(Path(args.output_dir) / f"predictions-{spec.name}.jsonl", split, captions[spec.name])
     if not ctx.is_main:
         return None
+    if args.fixed_caption_baseline:
+        spec, caption = fixed_caption_baseline(args)
+        specs.insert(0, spec)
+        captions = {spec.name: [caption] * len(split), **captions}  # listed first in every report
+        write_predictions(Path(args.output_dir) / f"predictions-{spec.name}.jsonl", split, captions[spec.name])
     return write_outputs(args, split, specs, captions)
+
+
+def fixed_caption_baseline(args: argparse.Namespace) -> tuple[ModelSpec, str]:
+    """Pick the no-vision baseline caption from the training split of --data."""
+    train = data_lib.load_splits(args.data, ["train"], max_pixels=args.max_image_pixels)["train"]
+    references = [record.captions for record in train.images]
+    candidates = [caption for refs in references for caption in refs]
+    caption, score = best_fixed_caption(candidates, references)
+    LOG.info("fixed-caption baseline: %r scores sacrebleu BLEU %.2f on the %d training images",
+             caption, score, len(train))
+    source = f"the training caption with the best BLEU on the train split: {caption!r}"
+    return ModelSpec(FIXED_CAPTION_NAME, source), caption
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -583,6 +647,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="images shown in report.html (default: %(default)s)")
     parser.add_argument("--max-image-pixels", type=int, default=data_lib.DEFAULT_MAX_IMAGE_PIXELS,
                         help="images with more pixels are rejected as bad (default: %(default)s)")
+    parser.add_argument("--fixed-caption-baseline", action="store_true",
+                        help="also score a no-vision baseline, listed first: the training caption of --data "
+                             "with the best corpus BLEU on the train split, given to every image (default: off)")
     parser.add_argument("--timeout-s", type=int, default=distributed.DEFAULT_TIMEOUT_S,
                         help="seconds a rank waits for the others at a gather before failing (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -598,9 +665,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.num_workers < 0 or args.gallery < 0:
         parser.error("--num-workers and --gallery must be 0 or more")
     try:
-        parse_model_specs(args.model)
+        specs = parse_model_specs(args.model)
     except ValueError as error:
         parser.error(str(error))
+    if args.fixed_caption_baseline and FIXED_CAPTION_NAME in {spec.name for spec in specs}:
+        parser.error(f"--model name {FIXED_CAPTION_NAME!r} is reserved for --fixed-caption-baseline")
     return args
 
 

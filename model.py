@@ -4,8 +4,8 @@
 or a local folder written by `save_pretrained`.
 
 `python model.py init-small --data PATH --output-dir DIR` writes a small BLIP with fresh
-weights that `from_pretrained(DIR)` loads like the Hub model: a WordPiece tokenizer trained
-on the data's training captions, a processor at the data's image size and a config small
+weights that `from_pretrained(DIR)` loads like the Hub model: a WordPiece tokenizer built
+from the data's training captions, a processor at the data's image size and a config small
 enough to train on a CPU. The tests and the offline demo use it.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -60,21 +61,38 @@ def require_fp32_weights(model: torch.nn.Module) -> None:
         )
 
 
-def train_wordpiece_tokenizer(captions: Sequence[str], vocab_size: int) -> BertTokenizer:
-    """Train an uncased WordPiece tokenizer on captions, with BLIP's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+def build_wordpiece_tokenizer(captions: Sequence[str], vocab_size: int) -> BertTokenizer:
+    """Build an uncased WordPiece tokenizer from captions, with BLIP's special tokens.
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    tokenizer.train_from_iterator(captions, trainer=trainer)
+    The vocabulary is the special tokens, every character seen (alone and as a `##`
+    continuation, so any word of these characters can be spelled) and then the most frequent
+    whole words, ties broken alphabetically. Unlike the `tokenizers` WordPiece trainer, whose
+    merges vary from run to run, this gives the same vocabulary every time.
+    """
+    from tokenizers import normalizers, pre_tokenizers
 
-    # BertTokenizer rebuilt from the vocabulary adds BERT's post-processing ([CLS] text [SEP]),
-    # which BLIP's processor and the caption collator expect.
+    normalizer = normalizers.BertNormalizer(lowercase=True)
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    word_counts: Counter[str] = Counter()
+    for caption in captions:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption))
+        word_counts.update(word for word, _ in words)
+
+    characters = sorted({character for word in word_counts for character in word})
+    vocab = list(SPECIAL_TOKENS) + characters + ["##" + character for character in characters]
+    frequent = sorted(word_counts.items(), key=lambda item: (-item[1], item[0]))
+    known = set(vocab)
+    for word, _ in frequent:
+        if len(vocab) >= vocab_size:
+            break
+        if word not in known:
+            vocab.append(word)
+            known.add(word)
+
+    # BertTokenizer adds BERT's post-processing ([CLS] text [SEP]), which BLIP's processor
+    # and the caption collator expect.
     return BertTokenizer(
-        vocab=tokenizer.get_vocab(),
+        vocab={token: index for index, token in enumerate(vocab)},
         do_lower_case=True,
         bos_token="[DEC]",
         extra_special_tokens=["[ENC]"],
@@ -115,7 +133,7 @@ def init_small(args: argparse.Namespace) -> Path:
     image_size = args.image_size or train.load_image(0).size[0]
 
     torch.manual_seed(args.seed)
-    tokenizer = train_wordpiece_tokenizer(captions, args.vocab_size)
+    tokenizer = build_wordpiece_tokenizer(captions, args.vocab_size)
     image_processor = BlipImageProcessor(
         size={"height": image_size, "width": image_size}, image_mean=IMAGE_MEAN, image_std=IMAGE_STD
     )

@@ -19,7 +19,7 @@ sys.path.insert(0, str(REPO))
 
 @pytest.fixture(scope="session")
 def small_model_dir(tmp_path_factory) -> Path:
-    """A small BLIP with fresh weights and a tokenizer trained on the RSICD fixture's captions."""
+    """A small BLIP with fresh weights and a tokenizer built from the RSICD fixture's captions."""
     output_dir = tmp_path_factory.mktemp("small-blip")
     subprocess.run(
         [sys.executable, str(REPO / "model.py"), "init-small", "--data", str(RSICD_MINI), "--output-dir", str(output_dir)],

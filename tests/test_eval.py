@@ -360,3 +360,28 @@ def test_invalid_model_folder(tmp_path):
 
     assert result.returncode != 0
     assert f"--model empty={tmp_path}: could not load the model or its processor" in result.stderr
+
+
+def test_fixed_caption_is_best_candidate():
+    images = data_lib.load_splits(str(RSICD_MINI), ["train"])["train"].images
+    references = [list(image.captions) for image in images]
+    candidates = [caption for refs in references for caption in refs]
+    caption, score = eval_bleu.best_fixed_caption(candidates, references)
+    # Brute force: every distinct candidate scored by sacrebleu itself.
+    scores = {c: eval_bleu.corpus_bleu([c] * len(references), references)["score"] for c in set(candidates)}
+    assert caption in candidates
+    assert score == pytest.approx(scores[caption], abs=1e-9)
+    assert scores[caption] == max(scores.values())
+
+
+def test_fixed_caption_baseline_listed_first(small_model_dir, tmp_path):
+    output_dir = tmp_path / "out"
+    result = run_eval(["--model", f"fresh={small_model_dir}", "--fixed-caption-baseline", "--max-images", "4",
+                       "--num-beams", "1", "--output-dir", str(output_dir)])
+    assert result.returncode == 0, result.stderr
+    metrics = json.loads((output_dir / "metrics.json").read_text())
+    assert [m["name"] for m in metrics["models"]] == ["fixed-caption", "fresh"]
+    predictions = read_jsonl(output_dir / "predictions-fixed-caption.jsonl")
+    assert len(predictions) == 4
+    assert len({line["caption"] for line in predictions}) == 1
+    assert predictions[0]["caption"] in metrics["models"][0]["model"]

@@ -46,3 +46,9 @@ def test_fp16_model_rejected_for_training(small_model_dir):
     blip = model.load_model(str(small_model_dir), dtype=torch.float16)
     with pytest.raises(ValueError, match="fp32 master weights"):
         model.require_fp32_weights(blip)
+
+
+def test_init_small_is_reproducible(small_model_dir, tmp_path):
+    model.main(["init-small", "--data", str(RSICD_MINI), "--output-dir", str(tmp_path)])
+    for name in ("tokenizer.json", "model.safetensors", "config.json"):
+        assert (tmp_path / name).read_bytes() == (small_model_dir / name).read_bytes(), name

@@ -52,8 +52,8 @@ def random_batch(batch_size: int, image_size: int, vocab_size: int, bos: int) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=["base", "small"], default="base", help="model shape (default: %(default)s)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: %(default)s)")
+    parser.add_argument("--size", choices=["base", "small"], default="base", help="model shape: base is the Hub model's, small is docs/results.md's (default: %(default)s)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="device to run on; auto picks CUDA when available (default: %(default)s)")
     parser.add_argument("--precision", choices=sorted(train_ddp.PRECISIONS), default="fp32",
                         help="autocast compute type (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=16, help="pairs per step (default: %(default)s)")

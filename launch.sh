@@ -76,6 +76,17 @@ has_flag() {
   return 1
 }
 
+# Set OUTPUT, MODEL and DATA from the train_ddp.py flags (or their defaults) for the evaluation
+# after training, and EXTRA to the flags launch.sh adds: --output-dir if absent, --resume auto.
+read_job_flags() {
+  OUTPUT=$(flag_value --output-dir outputs/rsicd-blip "$@")
+  MODEL=$(flag_value --model Salesforce/blip-image-captioning-base "$@")
+  DATA=$(flag_value --data arampacha/rsicd "$@")
+  EXTRA=()
+  has_flag --output-dir "$@" || EXTRA+=(--output-dir "$OUTPUT")
+  has_flag --resume "$@" || EXTRA+=(--resume auto)
+}
+
 local_gpu_count() {
   "$PYTHON" -c 'import torch; print(torch.cuda.device_count())'
 }
@@ -124,22 +135,16 @@ run_local() {
   local gpus
   gpus=$(local_gpu_count)
   local nproc=$((gpus > 0 ? gpus : 1))
-  local output model data
-  output=$(flag_value --output-dir outputs/rsicd-blip "$@")
-  model=$(flag_value --model Salesforce/blip-image-captioning-base "$@")
-  data=$(flag_value --data arampacha/rsicd "$@")
-  local extra=()
-  has_flag --output-dir "$@" || extra+=(--output-dir "$output")
-  has_flag --resume "$@" || extra+=(--resume auto)
+  read_job_flags "$@"
 
-  log "training with torchrun on $nproc process(es) ($gpus GPU(s) visible), output $output"
+  log "training with torchrun on $nproc process(es) ($gpus GPU(s) visible), output $OUTPUT"
   local status=0
-  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" train_ddp.py "$@" "${extra[@]}" || status=$?
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$nproc" train_ddp.py "$@" "${EXTRA[@]}" || status=$?
   if ((status != 0)); then
-    [[ -e "$output/requeue.json" ]] && log "training stopped on a signal; rerun the same command to resume"
+    [[ -e "$OUTPUT/requeue.json" ]] && log "training stopped on a signal; rerun the same command to resume"
     return "$status"
   fi
-  evaluate "$nproc" "$model" "$output" "$data" --standalone
+  evaluate "$nproc" "$MODEL" "$OUTPUT" "$DATA" --standalone
 }
 
 evaluate() {
@@ -154,17 +159,12 @@ evaluate() {
 # The batch script on the first node of a SLURM job: start one torchrun per node through srun.
 run_slurm() {
   PYTHON=${PYTHON:-python3}
-  local head port output model data
+  local head port
   head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1) || true
   [[ -n "$head" ]] || die "scontrol found no host in SLURM_JOB_NODELIST='${SLURM_JOB_NODELIST:-}'; the rendezvous needs the job's first host and will not fall back to localhost"
   getent hosts "$head" >/dev/null || die "the first host of the job, '$head', does not resolve (getent hosts); the rendezvous will not fall back to localhost"
   port=$((29500 + SLURM_JOB_ID % 10000))  # the same on every node, different for concurrent jobs
-  output=$(flag_value --output-dir outputs/rsicd-blip "$@")
-  model=$(flag_value --model Salesforce/blip-image-captioning-base "$@")
-  data=$(flag_value --data arampacha/rsicd "$@")
-  local extra=()
-  has_flag --output-dir "$@" || extra+=(--output-dir "$output")
-  has_flag --resume "$@" || extra+=(--resume auto)
+  read_job_flags "$@"
   local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
   local gpus
   gpus=$(local_gpu_count)
@@ -173,7 +173,7 @@ run_slurm() {
   log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $nodes node(s) x $nproc process(es), rendezvous $head:$port"
   local step_pid status=0 requeue=0
   srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    bash "$REPO/launch.sh" __node "$head" "$port" "$nodes" "$nproc" "$@" "${extra[@]}" &
+    bash "$REPO/launch.sh" __node "$head" "$port" "$nodes" "$nproc" "$@" "${EXTRA[@]}" &
   step_pid=$!
   # Both signals make training write last.pt; srun forwards SIGUSR1 to the task on every node.
   # Only SIGUSR1 (the time limit is near, --signal) leads to a requeue here. SIGTERM comes from
@@ -188,17 +188,17 @@ run_slurm() {
   done
   trap - USR1 TERM
 
-  if [[ $status -eq $REQUEUE_EXIT_CODE || -e "$output/requeue.json" ]]; then
+  if [[ $status -eq $REQUEUE_EXIT_CODE || -e "$OUTPUT/requeue.json" ]]; then
     if ((requeue)); then
       log "training checkpointed on SIGUSR1; requeueing job $SLURM_JOB_ID"
       scontrol requeue "$SLURM_JOB_ID"
       exit 0
     fi
-    log "training checkpointed on SIGTERM; resubmit the same command to resume from $output/last.pt"
+    log "training checkpointed on SIGTERM; resubmit the same command to resume from $OUTPUT/last.pt"
     exit "$REQUEUE_EXIT_CODE"
   fi
   ((status == 0)) || die "training failed with exit status $status"
-  evaluate "$nproc" "$model" "$output" "$data" --standalone
+  evaluate "$nproc" "$MODEL" "$OUTPUT" "$DATA" --standalone
 }
 
 # One srun task per node: torchrun with the c10d rendezvous on the first host.

@@ -54,6 +54,22 @@ def test_demo_writes_outputs_and_learns(tmp_path):
     assert losses[-1] < losses[0]
 
 
+def test_local_run_trains_then_evaluates(small_model_dir, tmp_path):
+    output = tmp_path / "run"
+    flags = ["--model", str(small_model_dir), "--data", str(RSICD_MINI), "--output-dir", str(output),
+             "--device", "cpu", "--batch-size", "4", "--max-steps", "3", "--num-workers", "0"]
+    result = subprocess.run(["bash", str(REPO / "launch.sh"), *flags], cwd=REPO, env=launch_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    gpus = torch.cuda.device_count()
+    assert f"training with torchrun on {max(gpus, 1)} process(es) ({gpus} GPU(s) visible)" in result.stderr
+    assert torch.load(output / "last.pt", weights_only=True)["args"]["resume"] == "auto"
+    metrics = json.loads((output / "eval" / "metrics.json").read_text())
+    assert [entry["name"] for entry in metrics["models"]] == ["base", "finetuned"]
+    assert metrics["models"][0]["model"] == str(small_model_dir)
+    assert metrics["models"][1]["model"] == f"{output}/best"
+
+
 # ----------------------------------------------------------------------------- SLURM
 
 

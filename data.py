@@ -499,6 +499,17 @@ class CaptionImages(torch.utils.data.Dataset):
         return {"pixel_values": pixel_values, "index": index}
 
 
+def worker_start_method(num_workers: int) -> str | None:
+    """Return the multiprocessing start method for DataLoader workers: forkserver, or None without workers.
+
+    A worker forked from a rank that already runs gloo, OpenMP or tqdm threads can inherit a lock
+    that one of those threads held and hang at start (seen with eval_bleu.py under torchrun,
+    where the other ranks then wait at the next gather until the timeout). forkserver forks
+    workers from a clean single-threaded server process instead.
+    """
+    return "forkserver" if num_workers > 0 else None
+
+
 def collate_images(items: list[dict]) -> dict:
     return {
         "pixel_values": torch.stack([item["pixel_values"] for item in items]),
@@ -596,6 +607,9 @@ def inspect(args: argparse.Namespace) -> None:
             f"  dropped: {split.stats.captions_dropped} empty or missing captions, "
             f"{split.stats.duplicates_dropped} duplicates, {split.stats.images_dropped} images with no caption"
         )
+        if not args.dedupe_captions:
+            repeats = sum(len(image.captions) - len(set(image.captions)) for image in split.images)
+            print(f"  repeated captions of the same image, kept: {repeats} (--dedupe-captions drops them)")
         percentiles = np.percentile(words, [50, 90, 99, 100]).astype(int)
         print(f"  caption length in words: p50 {percentiles[0]}, p90 {percentiles[1]}, "
               f"p99 {percentiles[2]}, max {percentiles[3]}")
@@ -606,6 +620,7 @@ def inspect(args: argparse.Namespace) -> None:
                   f"p99 {percentiles[2]}, max {percentiles[3]}; "
                   f"over {args.max_caption_tokens}: {int((tokens > args.max_caption_tokens).sum())}")
         if args.skip_scan:
+            print("  bad images: not scanned (--skip-scan)")
             continue
         bad = split.scan()
         print(f"  bad images: {len(bad)}")

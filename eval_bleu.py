@@ -287,7 +287,8 @@ def caption_shard(
     """Caption this rank's batches and return (image index, caption) pairs."""
     dataset = data_lib.CaptionImages(split, processor.image_processor)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=data_lib.collate_images
+        dataset, batch_sampler=batches, num_workers=args.num_workers, collate_fn=data_lib.collate_images,
+        multiprocessing_context=data_lib.worker_start_method(args.num_workers),
     )
     prompt_ids = encode_prompt(processor.tokenizer, args.prompt)
     captions = []

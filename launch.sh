@@ -116,7 +116,7 @@ run_demo() {
 
   log "3/4 evaluating the untrained and the trained model on the test split"
   "$PYTHON" eval_bleu.py --model "untrained=$out/untrained" --model "trained=$out/train/best" \
-    --data "$data" --split test --device cpu --batch-size 16 --output-dir "$out/eval"
+    --data "$data" --split test --device cpu --batch-size 16 --num-workers 1 --output-dir "$out/eval"
 
   log "4/4 done. Outputs:"
   cat >&2 <<EOF

@@ -91,7 +91,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--prompt", default="",
                        help="text put before every caption; its tokens get no loss (default: empty)")
     group.add_argument("--max-caption-tokens", type=int, default=data_lib.DEFAULT_MAX_CAPTION_TOKENS,
-                       help="token limit per caption, [DEC], prompt and [SEP] included; longer ones are cut "
+                       help="token limit per caption, including the decoder start token [DEC], the prompt "
+                            "and [SEP]; longer ones are cut "
                             "(default: %(default)s)")
     group.add_argument("--dedupe-captions", action="store_true",
                        help="drop repeated captions of the same image (default: off)")
@@ -112,8 +113,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                        help="micro-batches per optimizer step; the global batch is batch-size x grad-accum x "
                             "ranks (default: %(default)s)")
     group.add_argument("--lr", type=float, default=1e-5,
-                       help="AdamW learning rate; BLIP's caption fine-tuning uses 1e-5, and --lr 5e-7 "
-                            "reproduces the notebook run (default: %(default)s)")
+                       help="AdamW learning rate; BLIP's caption fine-tuning uses 1e-5, the RSICD notebook "
+                            "this project replaces used 5e-7, and fresh weights (model.py init-small) need "
+                            "about 3e-4 (default: %(default)s)")
     group.add_argument("--weight-decay", type=float, default=0.05,
                        help="AdamW weight decay, not applied to biases and LayerNorm weights (default: %(default)s)")
     group.add_argument("--lr-plateau-factor", type=float, default=0.5,
@@ -264,6 +266,8 @@ def build_train_loader(pairs: data_lib.CaptionPairs, collator, args: argparse.Na
         num_workers=args.num_workers,
         pin_memory=args.pin_memory and ctx.device.type == "cuda",
         prefetch_factor=args.prefetch_factor if args.num_workers > 0 else None,
+        multiprocessing_context=data_lib.worker_start_method(args.num_workers),
+        persistent_workers=args.num_workers > 0,  # start the workers once, not every epoch
         drop_last=False,
     )
 
@@ -273,7 +277,9 @@ def build_valid_loader(pairs: data_lib.CaptionPairs, collator, args: argparse.Na
     # Every world_size-th pair, without DistributedSampler's padding, so no pair is counted twice.
     shard = Subset(pairs, range(ctx.rank, len(pairs), ctx.world_size))
     return DataLoader(shard, batch_size=args.batch_size, shuffle=False, collate_fn=collator,
-                      num_workers=args.num_workers, pin_memory=args.pin_memory and ctx.device.type == "cuda")
+                      num_workers=args.num_workers, pin_memory=args.pin_memory and ctx.device.type == "cuda",
+                      multiprocessing_context=data_lib.worker_start_method(args.num_workers),
+                      persistent_workers=args.num_workers > 0)
 
 
 def describe_batch(loader: DataLoader, pairs: data_lib.CaptionPairs, batch_in_epoch: int) -> str:
@@ -285,6 +291,22 @@ def describe_batch(loader: DataLoader, pairs: data_lib.CaptionPairs, batch_in_ep
 
 
 # ----------------------------------------------------------------------------- model and optimizer
+
+
+def load_model_and_processor(source: str):
+    """Load the processor and the fp32 model, turning a missing or broken model into a TrainingError."""
+    try:
+        processor = model_lib.load_processor(source)
+        model = model_lib.load_model(source, torch.float32)
+    except (OSError, ValueError) as error:
+        raise TrainingError(
+            f"--model {source}: could not load the model or its processor "
+            f"({str(error).splitlines()[0]}). Pass a Hub id (needs the network, so not with "
+            "HF_HUB_OFFLINE=1) or a folder written by save_pretrained, such as OUTPUT/best or the "
+            "output of model.py init-small."
+        ) from error
+    model_lib.require_fp32_weights(model)
+    return processor, model
 
 
 def build_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.AdamW:
@@ -746,6 +768,8 @@ def train(run: Run) -> int:
                 outcome = "early_stop"
                 break
 
+    if outcome == "epoch_end" and args.max_steps and state.global_step >= args.max_steps:
+        outcome = "max_steps"  # the step limit fell on an epoch boundary
     # A run cut short by --max-steps still validates its last weights, so best/ is never stale.
     if state.last_validated_step != state.global_step:
         validate(run)
@@ -781,10 +805,8 @@ def main(args: argparse.Namespace, ctx: DistributedContext, stop: StopRequest) -
              args.precision, args.batch_size * args.grad_accum * ctx.world_size)
 
     # Data: caption-expanded pairs for training, sharded pairs for validation.
-    processor = model_lib.load_processor(args.model)
+    processor, model = load_model_and_processor(args.model)
     splits = load_data(args, ctx)
-    model = model_lib.load_model(args.model, torch.float32)
-    model_lib.require_fp32_weights(model)
     collator = data_lib.CaptionCollator(processor.tokenizer, model.config.text_config.bos_token_id,
                                         args.max_caption_tokens, args.prompt)
     truncated = data_lib.count_truncated(processor.tokenizer, splits["train"], args.max_caption_tokens, args.prompt)
@@ -820,8 +842,8 @@ def main(args: argparse.Namespace, ctx: DistributedContext, stop: StopRequest) -
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps:
         total_steps = min(total_steps, args.max_steps)
-    LOG.info("%d training pairs, %d optimizer steps per epoch, %d steps in this run", len(train_pairs),
-             steps_per_epoch, total_steps)
+    LOG.info("%d training pairs, %d optimizer steps per epoch, steps %d to %d in this run", len(train_pairs),
+             steps_per_epoch, state.global_step + 1, total_steps)
     run = Run(args, ctx, stop, model, ddp_model, processor, train_pairs, train_loader, valid_loader, optimizer,
               scaler, scheduler, state, steps_per_epoch, total_steps)
     run.progress = ProgressLog(args, ctx, total_steps, state)

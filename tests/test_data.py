@@ -363,3 +363,4 @@ def test_inspect_command_reports_splits():
     assert "split valid: 2 images, 10 pairs" in result.stdout
     assert "bad images: 0" in result.stdout
     assert "caption length in words: p50" in result.stdout
+    assert "repeated captions of the same image, kept:" in result.stdout

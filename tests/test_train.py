@@ -256,3 +256,23 @@ def test_data_error_stops_every_rank(small_model_dir, tmp_path):
     assert "[rank 0] ERROR rsicd_blip.train: --data" in result.stderr
     assert "[rank 1] ERROR rsicd_blip.train: --data" in result.stderr
     assert "DataError" not in result.stderr  # the message alone, no worker traceback
+
+
+def test_missing_model_folder_message(tmp_path):
+    command = train_command(tmp_path / "no-such-model", tmp_path / "out", "--max-steps", "1", nproc=1)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == train_ddp.ERROR_EXIT_CODE
+    assert f"ERROR rsicd_blip.train: --model {tmp_path / 'no-such-model'}: could not load" in result.stderr
+    assert "model.py init-small" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_worker_processes_train_and_resume(small_model_dir, tmp_path):
+    # DataLoader workers start through forkserver and stay up across epochs.
+    first = train(small_model_dir, tmp_path, "--max-steps", "4", "--epochs", "2", "--num-workers", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = train(small_model_dir, tmp_path, "--max-steps", "6", "--epochs", "2", "--num-workers", "2",
+                    "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "steps 5 to 6 in this run" in resumed.stderr
+    assert load_last(tmp_path)["train_state"]["global_step"] == 6

@@ -276,3 +276,30 @@ def test_worker_processes_train_and_resume(small_model_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "steps 5 to 6 in this run" in resumed.stderr
     assert load_last(tmp_path)["train_state"]["global_step"] == 6
+
+
+def test_early_stopping_after_patience(small_model_dir, tmp_path):
+    # With --lr 0 the weights never change, so no validation after the first one improves.
+    result = train(small_model_dir, tmp_path, "--lr", "0", "--eval-every", "1", "--early-stopping-patience", "2",
+                   "--max-steps", "10", nproc=1)
+    history = load_last(tmp_path)["train_state"]["lr_history"]
+    assert [step for step, _ in history] == [1, 2, 3]
+    assert "finished at step 3 (early stop)" in result.stderr
+
+
+def test_nonfinite_losses_stop_run(small_model_dir, tmp_path):
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    broken_dir = tmp_path / "nan-model"
+    model = BlipForConditionalGeneration.from_pretrained(small_model_dir)
+    with torch.no_grad():
+        model.text_decoder.cls.predictions.decoder.weight[0, 0] = float("nan")
+    model.save_pretrained(broken_dir)
+    BlipProcessor.from_pretrained(small_model_dir).save_pretrained(broken_dir)
+
+    command = train_command(broken_dir, tmp_path / "out", "--max-steps", "10", "--max-nonfinite-steps", "2", nproc=1)
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert result.returncode == train_ddp.ERROR_EXIT_CODE
+    assert "non-finite loss at step 1" in result.stderr
+    assert "2 optimizer steps in a row had a non-finite loss or gradient, the last at step 2" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -503,9 +503,9 @@ def worker_start_method(num_workers: int) -> str | None:
     """Return the multiprocessing start method for DataLoader workers: forkserver, or None without workers.
 
     A worker forked from a rank that already runs gloo, OpenMP or tqdm threads can inherit a lock
-    that one of those threads held and hang at start (seen with eval_bleu.py under torchrun,
-    where the other ranks then wait at the next gather until the timeout). forkserver forks
-    workers from a clean single-threaded server process instead.
+    that one of those threads held, and then hang at start. This was seen with eval_bleu.py under
+    torchrun, where the other ranks then waited at the next gather until the timeout. forkserver
+    forks workers from a clean single-threaded server process instead.
     """
     return "forkserver" if num_workers > 0 else None
 

@@ -219,8 +219,8 @@ def load_data(args: argparse.Namespace, ctx: DistributedContext) -> dict[str, da
     splits = data_lib.load_splits(args.data, ["train", "valid"], dedupe=args.dedupe_captions,
                                   max_pixels=args.max_image_pixels)
     for name, split in splits.items():
-        # Each rank decodes every world_size-th image; the gathered list is the same on all
-        # ranks, so all of them keep the same rows (or all stop with the same error).
+        # Each rank decodes every world_size-th image. The gathered list is the same on all
+        # ranks, so all of them keep the same rows or all stop with the same error.
         bad = data_lib.scan_sharded(split, ctx.rank, ctx.world_size, all_gather_objects)
         splits[name] = data_lib.drop_bad_images(split, bad, args.skip_bad_images)
         if len(splits[name]) == 0:

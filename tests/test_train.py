@@ -144,7 +144,7 @@ def test_best_model_loads_in_pipeline(two_rank_run):
 
     # transformers 5 replaced the "image-to-text" task with "image-text-to-text" (the old name
     # still maps to it, but its deprecation warning fails to format under pytest's log capture).
-    # The text argument is the prompt, and an empty one asks for a plain caption.
+    # The text argument is the prompt, and an empty one requests a plain caption.
     captioner = pipeline("image-text-to-text", model=str(two_rank_run / "best"))
     image = data_lib.load_splits(str(RSICD_MINI), ["test"])["test"].load_image(0)
     output = captioner(image, text="", max_new_tokens=12)

@@ -26,7 +26,7 @@ def copy_rsicd(source: Path, target: Path) -> None:
         name = f"{split}-00000-of-00001.parquet"
         table = pq.read_table(source / "data" / name)
         rows = sorted(random.Random(SEED).sample(range(table.num_rows), count))
-        # take() keeps the schema metadata that tells `datasets` the image column is an Image feature.
+        # take() keeps the schema metadata through which `datasets` reads the image column as an Image feature.
         pq.write_table(table.take(rows), target / "data" / name)
 
 
